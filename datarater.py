@@ -77,6 +77,9 @@ def build_parser():
     g.add_argument("--train-split-ratio", type=float, default=0.8,
                    help="fraction of the training set for inner training; the rest is the clean "
                         "validation set of the outer loss (default: 0.8)")
+    g.add_argument("--train-samples", type=int, default=0,
+                   help="use only this many (shuffled) training images before the split, for quick "
+                        "runs and tests; 0 = all (default: 0)")
     g.add_argument("--corruption", default="pixels", choices=["pixels", "labels"],
                    help="pixels: replace a fraction f of pixels by uniform noise (the reference's); "
                         "labels: flip to another class (default: pixels)")
@@ -202,6 +205,7 @@ def validate(cfg):
     for name in ("inner_lr", "outer_lr", "temperature", "downstream_lr"):
         v = getattr(cfg, name)
         need(math.isfinite(v) and v > 0, f"--{name.replace('_', '-')} must be a positive number, got {v}")
+    need(cfg.train_samples >= 0, f"--train-samples must be >= 0, got {cfg.train_samples}")
     need(math.isfinite(cfg.grad_clip_norm) and cfg.grad_clip_norm >= 0,
          f"--grad-clip-norm must be >= 0, got {cfg.grad_clip_norm}")
     need(cfg.dataset in DATASETS, f"--dataset: unknown dataset {cfg.dataset!r}; known: {', '.join(DATASETS)}")
@@ -281,6 +285,10 @@ def make_data(cfg):
     x_test, y_test = load_split(cfg.dataset, cfg.data_dir, train=False)
     gen = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(len(x), generator=gen)
+    if cfg.train_samples:
+        if cfg.train_samples > len(x):
+            raise UsageError(f"--train-samples {cfg.train_samples} exceeds the {len(x)} training images")
+        perm = perm[:cfg.train_samples]
     n_tr = int(round(cfg.train_split_ratio * len(x)))
     tr, va = perm[:n_tr], perm[n_tr:]
     for split, n in (("inner-train", len(tr)), ("validation", len(va))):
@@ -307,10 +315,12 @@ def make_data(cfg):
 # in channels-last memory layout, where PyTorch's CPU kernel is about 8x faster.
 
 class MaxPool2x2(nn.Module):
-    """nn.MaxPool2d(2) computed in channels-last layout (same values, same argmax on ties)."""
+    """nn.MaxPool2d(2), computed in channels-last layout on CPU (same values, same argmax)."""
 
     def forward(self, x):
-        return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2)
+        if x.device.type == "cpu" and not torch._C._functorch.is_batchedtensor(x):  # not under vmap
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F.max_pool2d(x, 2)
 
 
 class ToyCNN(nn.Module):
@@ -780,7 +790,7 @@ def load_rater(cfg, device):
 
 
 # Flags a resumed run may change: budget, reporting and where it runs, not the model or data.
-RESUMABLE_CHANGES = {"meta_steps", "eval_every", "checkpoint_every", "log", "resume", "overwrite",
+RESUMABLE_CHANGES = {"meta_steps", "figures", "benchmark", "benchmark_steps", "eval_every", "checkpoint_every", "log", "resume", "overwrite",
                      "device", "skip_downstream", "downstream_epochs", "downstream_seeds",
                      "downstream_lr", "skip_nonfinite", "save_data_rater_checkpoint"}
 
@@ -894,7 +904,11 @@ def train(cfg, data, log=print):
             history["outer_loss"].append(loss)
             history["step_seconds"].append(time.perf_counter() - t0)
             if step % cfg.eval_every == 0 or step == cfg.meta_steps:
-                last_rho = evaluate()["spearman"]
+                m = evaluate()
+                last_rho = m["spearman"]
+                if cfg.log:
+                    log(f"eval step {step}: Spearman {m['spearman']:+.4f}  R^2 {m['pearson_r2']:.4f}  "
+                        f"AUROC {m['auroc']:.4f}  precision@rho {m['precision_at_rho']:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.meta_steps:
                 save_state()
             if cfg.log and (step % 10 == 0 or step == cfg.meta_steps):
