@@ -94,6 +94,10 @@ def build_parser():
     g.add_argument("--inner-model-name", default="ToyCNN", help="key of MODELS (default: ToyCNN)")
     g.add_argument("--data-rater-model-name", default="DataRater",
                    help="key of RATERS (default: DataRater)")
+    g.add_argument("--rater-head-init-scale", type=float, default=0.0,
+                   help="scale of the rater head's initial weights; 0 starts every score equal "
+                        "(uniform weights), so that no score differences come from the random "
+                        "initialisation (default: 0.0)")
     g.add_argument("--loss-type", default="cross_entropy", choices=["cross_entropy", "mse"],
                    help="per-sample loss of inner and outer problems (default: cross_entropy)")
 
@@ -206,6 +210,8 @@ def validate(cfg):
         v = getattr(cfg, name)
         need(math.isfinite(v) and v > 0, f"--{name.replace('_', '-')} must be a positive number, got {v}")
     need(cfg.train_samples >= 0, f"--train-samples must be >= 0, got {cfg.train_samples}")
+    need(math.isfinite(cfg.rater_head_init_scale) and cfg.rater_head_init_scale >= 0,
+         f"--rater-head-init-scale must be >= 0, got {cfg.rater_head_init_scale}")
     need(math.isfinite(cfg.grad_clip_norm) and cfg.grad_clip_norm >= 0,
          f"--grad-clip-norm must be >= 0, got {cfg.grad_clip_norm}")
     need(cfg.dataset in DATASETS, f"--dataset: unknown dataset {cfg.dataset!r}; known: {', '.join(DATASETS)}")
@@ -289,7 +295,7 @@ def make_data(cfg):
         if cfg.train_samples > len(x):
             raise UsageError(f"--train-samples {cfg.train_samples} exceeds the {len(x)} training images")
         perm = perm[:cfg.train_samples]
-    n_tr = int(round(cfg.train_split_ratio * len(x)))
+    n_tr = int(round(cfg.train_split_ratio * len(perm)))
     tr, va = perm[:n_tr], perm[n_tr:]
     for split, n in (("inner-train", len(tr)), ("validation", len(va))):
         if cfg.batch_size > n:
@@ -336,13 +342,15 @@ class ToyCNN(nn.Module):
 
 
 class DataRater(nn.Module):
-    def __init__(self):
+    def __init__(self, head_init_scale=1.0):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(1, 8, 3), MaxPool2x2(), nn.ReLU(),     # [B, 8, 13, 13]
             nn.Conv2d(8, 16, 3), MaxPool2x2(), nn.Tanh(),    # [B, 16, 5, 5]
             nn.Flatten())
         self.head = nn.Linear(400, 1)
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
 
     def forward(self, x):
         return self.head(self.layers(x)).squeeze(-1)            # one score per sample [B]
@@ -353,6 +361,12 @@ class DataRater(nn.Module):
 # uses it through torch.func.functional_call.
 MODELS = {"ToyCNN": ToyCNN}
 RATERS = {"DataRater": DataRater}
+
+
+def new_rater(cfg):
+    if cfg.data_rater_model_name == "DataRater":
+        return DataRater(cfg.rater_head_init_scale)
+    return RATERS[cfg.data_rater_model_name]()
 
 
 def per_sample_loss(logits, y, loss_type):
@@ -583,8 +597,10 @@ def rankdata(x):
 
 
 def pearson(a, b):
+    """Pearson correlation; nan when either side is constant (a zero-initialised head)."""
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    return (a @ b / (a.norm() * b.norm())).item()
+    denom = a.norm() * b.norm()
+    return (a @ b / denom).item() if denom > 0 else float("nan")
 
 
 def spearman(a, b):
@@ -826,6 +842,8 @@ def prepare_out_dir(cfg):
     elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UsageError(f"--out-dir {out} exists and is not empty; pass --resume or --overwrite")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise UsageError(f"--out-dir: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"--out-dir: {probe} is not writable")
 
@@ -862,7 +880,7 @@ def train(cfg, data, log=print):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    rater = RATERS[cfg.data_rater_model_name]().to(device)
+    rater = new_rater(cfg).to(device)
     model = MODELS[cfg.inner_model_name]().to(device)
     rater_opt = torch.optim.Adam(rater.parameters(), lr=cfg.outer_lr)
     pop = Population(model, cfg, device)
@@ -936,7 +954,8 @@ def summarise(history, cfg):
     evals = history["eval"]
     final = evals[-1]
     secs = sorted(history["step_seconds"]) or [float("nan")]
-    return {"final": final, "best_spearman": min(e["spearman"] for e in evals),
+    return {"final": final, "best_spearman": min((e["spearman"] for e in evals if not math.isnan(e["spearman"])),
+                                                    default=float("nan")),
             "eval": evals, "seconds_per_meta_step_median": secs[len(secs) // 2],
             "meta_steps": len(history["outer_loss"]), "skipped_nonfinite": history["skipped_nonfinite"]}
 
@@ -964,7 +983,7 @@ def benchmark(cfg, log=print):
     n = max(4096, cfg.batch_size)
     data = {"x_train": torch.rand(n, *IMAGE_SHAPE) * 2 - 1, "y_train": torch.randint(0, NUM_CLASSES, (n,)),
             "x_val": torch.rand(n, *IMAGE_SHAPE) * 2 - 1, "y_val": torch.randint(0, NUM_CLASSES, (n,))}
-    rater = RATERS[cfg.data_rater_model_name]().to(device)
+    rater = new_rater(cfg).to(device)
     model = MODELS[cfg.inner_model_name]().to(device)
     rater_opt = torch.optim.Adam(rater.parameters(), lr=cfg.outer_lr)
     pop = Population(model, cfg, device)

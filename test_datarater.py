@@ -241,3 +241,283 @@ def test_staggered_refresh():
     # model i (initial age a_i) refreshes at steps K - a_i, 2K - a_i, ... <= 20
     assert pop.refreshes == 3 + 3 + 3 + 4
     assert pop.ages.tolist() == [2, 3, 5, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI end to end (tiny budgets on a slice of real MNIST)
+# ----------------------------------------------------------------------------------------------
+
+def tiny_args(out, *extra):
+    return ["--data-dir", MNIST or "./data", "--device", "cpu", "--train-samples", "1000", "--batch-size", "16",
+            "--num-inner-models", "2", "--meta-steps", "4", "--eval-every", "2", "--checkpoint-every", "2",
+            "--downstream-seeds", "2", "--out-dir", str(out), "--log", "false", *extra]
+
+
+def evals_without_timing(out):
+    m = json.loads((Path(out) / "metrics.json").read_text())
+    return m["eval"], m["final"]
+
+
+@needs_mnist
+def test_cli_smoke_run_writes_all_outputs(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert D.main(tiny_args(out)) == 0
+    for f in ("config.json", "data_rater.pt", "metrics.json", "outer_loss.csv", "state.pt",
+              "downstream.json", "downstream.md", "eval_scores.csv"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    assert [e["step"] for e in m["eval"]] == [0, 2, 4]
+    assert m["meta_steps"] == 4 and m["seconds_per_meta_step_median"] > 0
+    assert 0.0 <= m["final"]["auroc"] <= 1.0 and -1.0 <= m["final"]["spearman"] <= 1.0
+    assert len((out / "outer_loss.csv").read_text().splitlines()) == 5
+    sd = torch.load(out / "data_rater.pt", weights_only=True)
+    D.DataRater().load_state_dict(sd)  # a plain state_dict in the reference layout
+    ds = json.loads((out / "downstream.json").read_text())
+    assert set(ds["accuracy"]) == set(D.DOWNSTREAM_METHODS)
+    assert all(len(v) == 2 and all(0.1 < a <= 1.0 for a in v) for v in ds["accuracy"].values())
+    assert ds["summary"]["oracle"]["dropped_corrupted_fraction"] > 0.5  # oracle drops the corrupted first
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["meta_steps"] == 4 and cfg["batch_size"] == 16
+
+
+@needs_mnist
+def test_reference_command_spellings_run_unchanged(tmp_path):
+    # the reference implementation's documented command, on a tiny budget, as a real process
+    cmd = [sys.executable, str(HERE / "datarater.py"), "--dataset_name=mnist", "--inner_model_name=ToyCNN",
+           "--data_rater_model_name=DataRater", "--train_split_ratio=0.8", "--batch_size=16", "--inner_lr=1e-3",
+           "--outer_lr=3e-4", "--meta_steps=2", "--inner_steps=2", "--meta_refresh_steps=150",
+           "--grad_clip_norm=5.0", "--num_inner_models=2", "--loss_type=cross_entropy",
+           "--save_data_rater_checkpoint=True", "--log=True", "--skip_downstream=True",
+           f"--data_dir={MNIST}", "--train_samples=500", "--eval_every=2", f"--out_dir={tmp_path / 'r'}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "step     2/2" in p.stdout and "final: Spearman" in p.stdout
+    assert (tmp_path / "r" / "data_rater.pt").is_file()
+
+
+@needs_mnist
+def test_rater_learns_on_real_mnist(tmp_path):
+    """A short run on a slice of real MNIST: the rater must rank corruption and find corrupted
+    training samples clearly better than at initialisation."""
+    out = tmp_path / "learn"
+    args = tiny_args(out, "--skip-downstream", "--meta-steps", "60", "--eval-every", "60",
+                     "--train-samples", "6000", "--batch-size", "32", "--outer-lr", "3e-3",
+                     "--corruption-prob", "0.2")
+    assert D.main(args) == 0
+    evals, final = evals_without_timing(out)
+    assert final["spearman"] < -0.5
+    assert final["spearman"] < evals[0]["spearman"] - 0.1
+    assert final["auroc"] > 0.9 and final["auroc"] > evals[0]["auroc"] + 0.2
+
+
+# ----------------------------------------------------------------------------------------------
+# Long runs: checkpoint, resume, determinism, failures
+# ----------------------------------------------------------------------------------------------
+
+def rater_tensors(out):
+    return torch.load(Path(out) / "data_rater.pt", weights_only=True)
+
+
+@needs_mnist
+def test_resume_equals_uninterrupted_and_runs_are_deterministic(tmp_path):
+    base = ["--skip-downstream", "--meta-steps", "6", "--eval-every", "3", "--checkpoint-every", "3"]
+    assert D.main(tiny_args(tmp_path / "full", *base)) == 0
+    assert D.main(tiny_args(tmp_path / "again", *base)) == 0
+    stopped = tiny_args(tmp_path / "split", *base)
+    stopped[stopped.index("--meta-steps", stopped.index("--skip-downstream")) + 1] = "3"
+    assert D.main(stopped) == 0
+    assert torch.load(tmp_path / "split" / "state.pt", weights_only=False)["step"] == 3
+    assert D.main(tiny_args(tmp_path / "split", *base, "--resume")) == 0
+    full, again, split = (rater_tensors(tmp_path / n) for n in ("full", "again", "split"))
+    for k in full:
+        assert torch.equal(full[k], again[k]), k   # determinism: bit-identical
+        assert torch.equal(full[k], split[k]), k   # resume: bit-identical
+    assert evals_without_timing(tmp_path / "full") == evals_without_timing(tmp_path / "again")
+    assert evals_without_timing(tmp_path / "full") == evals_without_timing(tmp_path / "split")
+    loss = lambda n: (tmp_path / n / "outer_loss.csv").read_text()
+    assert loss("full") == loss("split") == loss("again")
+    pa, pb = (torch.load(tmp_path / n / "state.pt", weights_only=False)["population"] for n in ("full", "split"))
+    assert all(torch.equal(pa["theta"][k], pb["theta"][k]) for k in pa["theta"])
+
+
+@needs_mnist
+def test_resume_refuses_a_changed_model_or_data(tmp_path, capsys):
+    assert D.main(tiny_args(tmp_path / "r", "--skip-downstream", "--meta-steps", "2")) == 0
+    capsys.readouterr()
+    assert D.main(tiny_args(tmp_path / "r", "--skip-downstream", "--meta-steps", "2", "--resume",
+                            "--corruption-prob", "0.3")) == 2
+    err = capsys.readouterr().err
+    assert "corruption_prob" in err and err.count("\n") == 1
+    # a bigger step budget alone is fine
+    assert D.main(tiny_args(tmp_path / "r", "--skip-downstream", "--meta-steps", "3", "--resume")) == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["meta_steps"] == 3
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    D.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):  # writes half a file, then the "machine dies"
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:
+            fh.truncate(10)
+        raise OSError(28, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        D.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=False)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no half-written file left
+
+
+@needs_mnist
+def test_disk_error_during_a_run_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(str(f))
+        if len(calls) > 2:  # the checkpoint of step 2 (state.pt, data_rater.pt) succeeds, step 4 fails
+            raise OSError(28, "No space left on device", str(f))
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert D.main(tiny_args(tmp_path / "r", "--skip-downstream", "--meta-steps", "4")) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "r" / "state.pt", weights_only=False)["step"] == 2
+    assert not list((tmp_path / "r").glob("*.tmp"))
+
+
+@needs_mnist
+def test_nonfinite_outer_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_step, n = D.meta_step, []
+
+    def flaky_step(*a):
+        n.append(1)
+        return float("nan") if len(n) == 3 else real_step(*a)
+
+    monkeypatch.setattr(D, "meta_step", flaky_step)
+    assert D.main(tiny_args(tmp_path / "stop", "--skip-downstream", "--checkpoint-every", "1")) == 1
+    err = capsys.readouterr().err
+    assert "meta-step 3" in err and "last good checkpoint" in err and err.count("\n") == 1
+    assert torch.load(tmp_path / "stop" / "state.pt", weights_only=False)["step"] == 2
+    n.clear()
+    assert D.main(tiny_args(tmp_path / "skip", "--skip-downstream", "--skip-nonfinite")) == 0
+    m = json.loads((tmp_path / "skip" / "metrics.json").read_text())
+    assert m["skipped_nonfinite"] == 1 and m["meta_steps"] == 4
+
+
+@needs_mnist
+def test_ctrl_c_saves_state_and_resume_finishes(tmp_path):
+    import signal as sig
+    out = tmp_path / "r"
+    cmd = [sys.executable, "-u", str(HERE / "datarater.py"), *tiny_args(out, "--skip-downstream", "--log", "true",
+           "--meta-steps", "100000", "--checkpoint-every", "100000", "--eval-every", "100000")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # wait until training is under way
+        if line.startswith("step"):
+            break
+    p.send_signal(sig.SIGINT)
+    rest, _ = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert "saved the full state" in rest
+    step = torch.load(out / "state.pt", weights_only=False)["step"]
+    assert step >= 10
+    assert D.main(tiny_args(out, "--skip-downstream", "--meta-steps", str(step + 2), "--resume")) == 0
+    assert json.loads((out / "metrics.json").read_text())["meta_steps"] == step + 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: exit code 2, one line naming the problem, nothing written
+# ----------------------------------------------------------------------------------------------
+
+def write_file(path, data):
+    Path(path).write_bytes(data)
+    return str(path)
+
+
+def bad_inputs(tmp):
+    """(argv without --out-dir, a word the message must contain, needs MNIST)."""
+    torch.save(D.ToyCNN().state_dict(), tmp / "toycnn.pt")
+    good = tmp / "good_rater.pt"
+    torch.save(D.DataRater().state_dict(), good)
+    write_file(tmp / "truncated.pt", good.read_bytes()[:200])
+    write_file(tmp / "a_file", b"x")
+    (tmp / "empty_data").mkdir()
+    (tmp / "existing").mkdir()
+    (tmp / "existing" / "config.json").write_text("{}")
+    return [
+        (["--corruption-prob", "1.5"], "--corruption-prob", False),
+        (["--corruption-prob", "-0.1"], "--corruption-prob", False),
+        (["--corruption-min", "0.8", "--corruption-max", "0.2"], "--corruption-min", False),
+        (["--corruption-max", "2"], "--corruption-max", False),
+        (["--batch-size", "0"], "--batch-size", False),
+        (["--num-inner-models", "-1"], "--num-inner-models", False),
+        (["--inner-steps", "0"], "--inner-steps", False),
+        (["--meta-steps", "0"], "--meta-steps", False),
+        (["--meta-steps", "ten"], "--meta-steps", False),
+        (["--temperature", "0"], "--temperature", False),
+        (["--inner-lr", "-1"], "--inner-lr", False),
+        (["--outer-lr", "nan"], "--outer-lr", False),
+        (["--train-split-ratio", "1.0"], "--train-split-ratio", False),
+        (["--discard-fraction", "1.0"], "--discard-fraction", False),
+        (["--inner-model-name", "ResNet50"], "ResNet50", False),
+        (["--data-rater-model-name", "Nope"], "Nope", False),
+        (["--dataset", "cifar10"], "cifar10", False),
+        (["--corruption", "blur"], "--corruption", False),
+        (["--no-such-flag"], "--no-such-flag", False),
+        (["--eval-only"], "--load-checkpoint", False),
+        (["--eval-only", "--load-checkpoint", str(tmp / "missing.pt")], "missing.pt", False),
+        (["--eval-only", "--load-checkpoint", str(tmp / "toycnn.pt")], "does not fit", False),
+        (["--eval-only", "--load-checkpoint", str(tmp / "truncated.pt")], "truncated.pt", False),
+        (["--eval-only", "--load-checkpoint", str(tmp / "a_file")], "a_file", False),
+        (["--resume"], "state.pt", False),
+        (["--data-dir", str(tmp / "empty_data")], "train-images-idx3-ubyte", False),
+        (["--batch-size", "900"], "--batch-size", True),
+        (["--train-samples", "70000"], "--train-samples", True),
+    ]
+
+
+def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, monkeypatch):
+    import urllib.request
+    import urllib.error
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    cases = bad_inputs(tmp_path)
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA", False))
+    assert len(cases) >= 15
+    for i, (argv, word, data) in enumerate(cases):
+        if data and MNIST is None:
+            continue
+        out = tmp_path / f"out{i}"
+        full = ["--data-dir", MNIST or str(tmp_path / "empty_data"), "--train-samples", "1000", "--log", "false",
+                "--out-dir", str(out), *argv]
+        before = sorted(p.name for p in tmp_path.iterdir())
+        assert D.main(full) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("datarater.py: error:"), (argv, err)
+        assert word in err, (argv, err)
+        assert not out.exists(), argv
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, argv
+    # an existing output folder, and one whose parent is a file
+    for argv, word in ((["--out-dir", str(tmp_path / "existing")], "--overwrite"),
+                       (["--out-dir", str(tmp_path / "a_file" / "run")], "a_file")):
+        assert D.main(["--data-dir", MNIST or "x", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and word in err, err
+    assert sorted(p.name for p in (tmp_path / "existing").iterdir()) == ["config.json"]
+
+
+def test_bad_input_exit_code_of_the_real_process(tmp_path):
+    p = subprocess.run([sys.executable, str(HERE / "datarater.py"), "--corruption-prob=2",
+                        f"--out-dir={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip() == "datarater.py: error: --corruption-prob must be in [0, 1], got 2.0"
+    assert not (tmp_path / "o").exists()
