@@ -297,17 +297,18 @@ def test_reference_command_spellings_run_unchanged(tmp_path):
 
 @needs_mnist
 def test_rater_learns_on_real_mnist(tmp_path):
-    """A short run on a slice of real MNIST: the rater must rank corruption and find corrupted
-    training samples clearly better than at initialisation."""
+    """40 meta-steps on a slice of real MNIST (default hyperparameters, smaller B and N): the
+    rater must rank test images by corruption and find the corrupted training samples. At
+    initialisation every score is equal (zero-initialised head): AUROC 0.5, no ranking."""
     out = tmp_path / "learn"
-    args = tiny_args(out, "--skip-downstream", "--meta-steps", "60", "--eval-every", "60",
-                     "--train-samples", "6000", "--batch-size", "32", "--outer-lr", "3e-3",
-                     "--corruption-prob", "0.2")
+    args = tiny_args(out, "--skip-downstream", "--meta-steps", "40", "--eval-every", "40",
+                     "--train-samples", "6000", "--batch-size", "64", "--num-inner-models", "4")
     assert D.main(args) == 0
     evals, final = evals_without_timing(out)
-    assert final["spearman"] < -0.5
-    assert final["spearman"] < evals[0]["spearman"] - 0.1
-    assert final["auroc"] > 0.9 and final["auroc"] > evals[0]["auroc"] + 0.2
+    assert evals[0]["auroc"] == 0.5
+    assert final["spearman"] < -0.8
+    assert final["auroc"] > 0.9
+    assert final["precision_at_rho"] > 0.5  # 10% of the samples are corrupted: chance is 0.1
 
 
 # ----------------------------------------------------------------------------------------------
