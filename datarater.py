@@ -1056,7 +1056,9 @@ def draw_figures(run_dirs, out_dir):
         ax.scatter(f, v, s=3, alpha=0.35, color="tab:blue")
         xs = torch.linspace(0, 1, 2)
         ax.plot(xs, v.mean() + slope * (xs - f.mean()), color="tab:red", lw=1.5)
-        ax.set_title(f"step {s}: R$^2$ {pearson(f, v) ** 2:.2f}, $\\rho$ {spearman(f, v):+.2f}", fontsize=9)
+        title = (f"R$^2$ {pearson(f, v) ** 2:.2f}, $\\rho$ {spearman(f, v):+.2f}" if v.std() > 0
+                 else "all scores equal")
+        ax.set_title(f"step {s}: {title}", fontsize=9)
     for ax in axes.flat[len(pick):]:
         ax.axis("off")
     for ax in axes[1]:

@@ -25,7 +25,7 @@ py="${PYTHON:-python}"
 start=$(date +%s)
 
 if [ "$quick" = 1 ]; then
-  budget=(--train-samples 3000 --batch-size 32 --num-inner-models 2 --meta-steps 20 --eval-every 2
+  budget=(--train-samples 2000 --batch-size 32 --num-inner-models 2 --meta-steps 10 --eval-every 1
           --downstream-seeds 2)
 else
   budget=()  # the reference configuration: the defaults of datarater.py

@@ -579,3 +579,22 @@ def test_run_downstream_summary_and_markdown():
     assert lo <= ds["filtered_minus_baseline"]["mean"] <= hi
     md = D.downstream_markdown(ds, vars(cfg))
     assert md.count("\n| ") == 5 and "oracle" in md and "95% CI" in md
+
+
+@needs_mnist
+def test_reproduce_quick_makes_figures_and_tables(tmp_path):
+    env = {**os.environ, "DATARATER_DATA": MNIST, "PYTHON": sys.executable}
+    p = subprocess.run(["bash", str(HERE / "reproduce.sh"), "--quick", "--out", str(tmp_path / "res")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = tmp_path / "res"
+    for f in ("score_vs_corruption.png", "training_curves.png", "downstream.png"):
+        assert (res / f).stat().st_size < 400_000
+        assert (res / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in ("pixels", "pixels_hard"):
+        ds = json.loads((res / run / "downstream.json").read_text())
+        assert set(ds["summary"]) == set(D.DOWNSTREAM_METHODS)
+        assert "| oracle" in (res / run / "downstream.md").read_text()
+    ref = json.loads((res / "reference_checkpoint_eval.json").read_text())
+    assert -1 <= ref["spearman"] <= 1 and 0 <= ref["auroc"] <= 1
+    assert "done in" in p.stdout
