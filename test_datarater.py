@@ -595,6 +595,7 @@ def test_reproduce_quick_makes_figures_and_tables(tmp_path):
         ds = json.loads((res / run / "downstream.json").read_text())
         assert set(ds["summary"]) == set(D.DOWNSTREAM_METHODS)
         assert "| oracle" in (res / run / "downstream.md").read_text()
-    ref = json.loads((res / "reference_checkpoint_eval.json").read_text())
-    assert -1 <= ref["spearman"] <= 1 and 0 <= ref["auroc"] <= 1
+    if (HERE.parent / "shared" / "reference" / "seed_data_rater.pt").is_file():
+        ref = json.loads((res / "reference_checkpoint_eval.json").read_text())
+        assert -1 <= ref["spearman"] <= 1 and 0 <= ref["auroc"] <= 1
     assert "done in" in p.stdout
