@@ -120,6 +120,12 @@ def build_parser():
                    help="tau of softmax(scores / tau) over the inner batch (default: 1.0)")
     g.add_argument("--outer-lr", type=float, default=3e-4,
                    help="Adam learning rate of the rater (default: 3e-4)")
+    g.add_argument("--outer-beta1", type=float, default=0.99,
+                   help="beta1 (momentum) of the rater's Adam; 0.99 averages the noisy meta-gradient "
+                        "over ~100 steps and separated clean from corrupted best (default: 0.99)")
+    g.add_argument("--outer-lr-schedule", default="cosine", choices=["constant", "cosine"],
+                   help="outer learning rate over meta-steps: constant, or cosine decay to 0 at "
+                        "--meta-steps; cosine slows the late drift of the rater (default: cosine)")
     g.add_argument("--grad-clip-norm", type=float, default=5.0,
                    help="global L2 norm clip of the meta-gradient; 0 disables (default: 5.0)")
     g.add_argument("--vectorize-population", **flag, default=False,
@@ -212,6 +218,7 @@ def validate(cfg):
     need(cfg.train_samples >= 0, f"--train-samples must be >= 0, got {cfg.train_samples}")
     need(math.isfinite(cfg.rater_head_init_scale) and cfg.rater_head_init_scale >= 0,
          f"--rater-head-init-scale must be >= 0, got {cfg.rater_head_init_scale}")
+    need(0.0 <= cfg.outer_beta1 < 1.0, f"--outer-beta1 must be in [0, 1), got {cfg.outer_beta1}")
     need(math.isfinite(cfg.grad_clip_norm) and cfg.grad_clip_norm >= 0,
          f"--grad-clip-norm must be >= 0, got {cfg.grad_clip_norm}")
     need(cfg.dataset in DATASETS, f"--dataset: unknown dataset {cfg.dataset!r}; known: {', '.join(DATASETS)}")
@@ -852,6 +859,10 @@ def prepare_out_dir(cfg):
 # Meta-training loop
 # =============================================================================================
 
+def make_rater_opt(rater, cfg):
+    return torch.optim.Adam(rater.parameters(), lr=cfg.outer_lr, betas=(cfg.outer_beta1, 0.999))
+
+
 def set_seed(seed):
     torch.manual_seed(seed)
 
@@ -882,7 +893,7 @@ def train(cfg, data, log=print):
     set_seed(cfg.seed)
     rater = new_rater(cfg).to(device)
     model = MODELS[cfg.inner_model_name]().to(device)
-    rater_opt = torch.optim.Adam(rater.parameters(), lr=cfg.outer_lr)
+    rater_opt = make_rater_opt(rater, cfg)
     pop = Population(model, cfg, device)
     history = {"eval": [], "outer_loss": [], "step_seconds": [], "skipped_nonfinite": 0}
     step = 0
@@ -911,6 +922,9 @@ def train(cfg, data, log=print):
         while step < cfg.meta_steps:
             t0 = time.perf_counter()
             batch = sample_batch(data, cfg, device)
+            if cfg.outer_lr_schedule == "cosine":
+                for g in rater_opt.param_groups:
+                    g["lr"] = cfg.outer_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.meta_steps))
             loss = meta_step(rater, rater_opt, model, pop, batch, cfg)
             if not math.isfinite(loss):
                 if not cfg.skip_nonfinite:
@@ -985,7 +999,7 @@ def benchmark(cfg, log=print):
             "x_val": torch.rand(n, *IMAGE_SHAPE) * 2 - 1, "y_val": torch.randint(0, NUM_CLASSES, (n,))}
     rater = new_rater(cfg).to(device)
     model = MODELS[cfg.inner_model_name]().to(device)
-    rater_opt = torch.optim.Adam(rater.parameters(), lr=cfg.outer_lr)
+    rater_opt = make_rater_opt(rater, cfg)
     pop = Population(model, cfg, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with FlopCounterMode(display=False) as fc:
