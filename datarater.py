@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import random
 import resource
 import signal
 import sys
@@ -821,7 +822,7 @@ RESUMABLE_CHANGES = {"meta_steps", "figures", "benchmark", "benchmark_steps", "e
 def training_state(step, rater, rater_opt, pop, history):
     return {"step": step, "rater": rater.state_dict(), "rater_opt": rater_opt.state_dict(),
             "population": pop.state_dict(), "history": history,
-            "rng": {"torch": torch.get_rng_state(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
 
@@ -830,6 +831,7 @@ def restore_state(state, rater, rater_opt, pop):
     rater_opt.load_state_dict(state["rater_opt"])
     pop.load_state_dict(state["population"])
     torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])  # unused by this file; kept for code that adds it
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["step"], state["history"]
