@@ -1055,7 +1055,7 @@ def draw_figures(run_dirs, out_dir):
         if not (d / "metrics.json").is_file():
             raise UsageError(f"--figures: {d} has no metrics.json (not a finished run)")
         runs.append((d, json.loads((d / "metrics.json").read_text()), json.loads((d / "config.json").read_text())))
-    d, metrics, _ = runs[0]
+    d = runs[0][0]
     rows = [line.split(",") for line in (d / "eval_scores.csv").read_text().splitlines()[1:]]
     by_step = {}
     for s, f, v in rows:
