@@ -770,26 +770,24 @@ def downstream_markdown(ds, cfg):
 # Checkpoints (atomic: a crash mid-write leaves the previous file whole)
 # =============================================================================================
 
-def atomic_save(obj, path):
+def atomic_write(path, write):
+    """write(tmp) to a temporary file beside path, then rename it over path."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(text, path):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def load_rater(cfg, device):
