@@ -812,7 +812,8 @@ def load_rater(cfg, device):
 
 
 # Flags a resumed run may change: budget, reporting and where it runs, not the model or data.
-RESUMABLE_CHANGES = {"meta_steps", "figures", "benchmark", "benchmark_steps", "eval_every", "checkpoint_every", "log", "resume", "overwrite",
+RESUMABLE_CHANGES = {"meta_steps", "figures", "benchmark", "benchmark_steps", "eval_every",
+                     "checkpoint_every", "log", "resume", "overwrite",
                      "device", "skip_downstream", "downstream_epochs", "downstream_seeds",
                      "downstream_lr", "skip_nonfinite", "save_data_rater_checkpoint"}
 
@@ -859,8 +860,12 @@ def prepare_out_dir(cfg):
 # Meta-training loop
 # =============================================================================================
 
-def make_rater_opt(rater, cfg):
-    return torch.optim.Adam(rater.parameters(), lr=cfg.outer_lr, betas=(cfg.outer_beta1, 0.999))
+def build(cfg, device):
+    """A fresh rater, its Adam, an inner-model template and the population (global RNG)."""
+    rater = new_rater(cfg).to(device)
+    model = MODELS[cfg.inner_model_name]().to(device)
+    rater_opt = torch.optim.Adam(rater.parameters(), lr=cfg.outer_lr, betas=(cfg.outer_beta1, 0.999))
+    return rater, rater_opt, model, Population(model, cfg, device)
 
 
 def set_seed(seed):
@@ -891,10 +896,7 @@ def train(cfg, data, log=print):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    rater = new_rater(cfg).to(device)
-    model = MODELS[cfg.inner_model_name]().to(device)
-    rater_opt = make_rater_opt(rater, cfg)
-    pop = Population(model, cfg, device)
+    rater, rater_opt, model, pop = build(cfg, device)
     history = {"eval": [], "outer_loss": [], "step_seconds": [], "skipped_nonfinite": 0}
     step = 0
     if cfg.resume:
@@ -997,10 +999,7 @@ def benchmark(cfg, log=print):
     n = max(4096, cfg.batch_size)
     data = {"x_train": torch.rand(n, *IMAGE_SHAPE) * 2 - 1, "y_train": torch.randint(0, NUM_CLASSES, (n,)),
             "x_val": torch.rand(n, *IMAGE_SHAPE) * 2 - 1, "y_val": torch.randint(0, NUM_CLASSES, (n,))}
-    rater = new_rater(cfg).to(device)
-    model = MODELS[cfg.inner_model_name]().to(device)
-    rater_opt = make_rater_opt(rater, cfg)
-    pop = Population(model, cfg, device)
+    rater, rater_opt, model, pop = build(cfg, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with FlopCounterMode(display=False) as fc:
         meta_step(rater, rater_opt, model, pop, sample_batch(data, cfg, device), cfg)
