@@ -114,11 +114,13 @@ def build_parser():
     g.add_argument("--meta-refresh-steps", type=int, default=150,
                    help="K: an inner model is re-initialised at age K; initial ages are spread "
                         "over [0, K) so the population spans early and late training (default: 150)")
-    g.add_argument("--inner-optimizer", default="adam", choices=["sgd", "adam"],
-                   help="differentiable inner optimiser (default: adam, as in the paper)")
+    g.add_argument("--inner-optimizer", default="sgd", choices=["sgd", "adam"],
+                   help="differentiable inner optimiser; adam is the paper's, sgd made the rater "
+                        "separate clean from corrupted without late decay here (default: sgd)")
     g.add_argument("--inner-lr", type=float, default=1e-3, help="inner learning rate (default: 1e-3)")
-    g.add_argument("--temperature", type=float, default=1.0,
-                   help="tau of softmax(scores / tau) over the inner batch (default: 1.0)")
+    g.add_argument("--temperature", type=float, default=10.0,
+                   help="tau of softmax(scores / tau) over the inner batch; a large tau lets scores "
+                        "spread widely before the weights saturate (default: 10.0)")
     g.add_argument("--outer-lr", type=float, default=3e-4,
                    help="Adam learning rate of the rater (default: 3e-4)")
     g.add_argument("--outer-beta1", type=float, default=0.99,
