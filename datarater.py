@@ -838,6 +838,10 @@ def restore_state(state, rater, rater_opt, pop):
     return state["step"], state["history"]
 
 
+RUN_FILES = ("config.json", "metrics.json", "outer_loss.csv", "eval_scores.csv", "data_rater.pt",
+             "state.pt", "downstream.json", "downstream.md")
+
+
 def prepare_out_dir(cfg):
     """Check the output folder before any work: refuse to clobber, check it is writable."""
     out = Path(cfg.out_dir)
@@ -897,6 +901,9 @@ def train(cfg, data, log=print):
     device = torch.device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:  # --overwrite: no file of an earlier run may survive to mix with this one
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     set_seed(cfg.seed)
     rater, rater_opt, model, pop = build(cfg, device)
     history = {"eval": [], "outer_loss": [], "step_seconds": [], "skipped_nonfinite": 0}
@@ -916,7 +923,7 @@ def train(cfg, data, log=print):
         m = evaluate_rater(rater, data, cfg, device)
         m["step"] = step
         history["eval"].append(m)
-        write_eval_scores(rater, data, device, step, out)
+        write_eval_scores(rater, data, device, step, history, out)
         return m
 
     if step == 0 and not history["eval"]:
@@ -978,15 +985,13 @@ def summarise(history, cfg):
             "meta_steps": len(history["outer_loss"]), "skipped_nonfinite": history["skipped_nonfinite"]}
 
 
-def write_eval_scores(rater, data, device, step, out, n=1000):
-    """Scores of the first n corrupted test images at this step (for the scatter figure)."""
-    s = score(rater, data["x_test_c"][:n], device)
-    path = Path(out) / "eval_scores.csv"
-    new = not path.exists()
-    with open(path, "a") as fh:
-        if new:
-            fh.write("step,f,score\n")
-        fh.writelines(f"{step},{f:.4f},{v:.5f}\n" for f, v in zip(data["f_test"][:n].tolist(), s.tolist()))
+def write_eval_scores(rater, data, device, step, history, out, n=1000):
+    """Scores of the first n corrupted test images at this step (for the scatter figure). They are
+    kept in the history, so the CSV is rewritten whole and matches the run after a resume."""
+    history.setdefault("eval_scores", []).append((step, score(rater, data["x_test_c"][:n], device).tolist()))
+    f = data["f_test"][:n].tolist()
+    atomic_write_text("step,f,score\n" + "".join(f"{st},{fi:.4f},{v:.5f}\n" for st, scores in history["eval_scores"]
+                                                  for fi, v in zip(f, scores)), Path(out) / "eval_scores.csv")
 
 
 # =============================================================================================

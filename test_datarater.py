@@ -280,6 +280,16 @@ def test_cli_smoke_run_writes_all_outputs(tmp_path, capsys):
     assert ds["summary"]["oracle"]["dropped_corrupted_fraction"] > 0.5  # oracle drops the corrupted first
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["meta_steps"] == 4 and cfg["batch_size"] == 16
+    rows = (out / "eval_scores.csv").read_text().splitlines()
+    assert rows[0] == "step,f,score" and len(rows) == 1 + 3 * 1000  # 1000 test images x 3 evals
+    # --overwrite: nothing of the first run survives to mix with the second (which writes no
+    # downstream results and evaluates at different steps)
+    (out / "notes.txt").write_text("a file of the user's")
+    assert D.main(tiny_args(out, "--overwrite", "--skip-downstream", "--eval-every", "4")) == 0
+    assert not (out / "downstream.json").exists() and not (out / "downstream.md").exists()
+    rows = (out / "eval_scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 1000 and {r.split(",")[0] for r in rows[1:]} == {"0", "4"}
+    assert (out / "notes.txt").is_file()  # only the files a run writes are removed
 
 
 @needs_mnist
@@ -352,6 +362,8 @@ def test_resume_equals_uninterrupted_and_runs_are_deterministic(tmp_path, monkey
     assert evals_without_timing(tmp_path / "full") == evals_without_timing(tmp_path / "split")
     loss = lambda n: (tmp_path / n / "outer_loss.csv").read_text()
     assert loss("full") == loss("split") == loss("again")
+    scores = lambda n: (tmp_path / n / "eval_scores.csv").read_text()
+    assert scores("full") == scores("split") == scores("again")
     pa, pb = (torch.load(tmp_path / n / "state.pt", weights_only=False)["population"] for n in ("full", "split"))
     assert all(torch.equal(pa["theta"][k], pb["theta"][k]) for k in pa["theta"])
 
