@@ -176,6 +176,44 @@ def test_reference_checkpoint_layout_loads_and_pooling_order_is_exact():
     assert torch.allclose(rater(x), rater.head(ref_order(x)).squeeze(-1), atol=1e-6)
 
 
+def test_cropped_channels_last_models_equal_the_plain_layers_in_value_and_gradient():
+    # model_input crops 28x28 to 26x26 and goes channels-last; the plain layers on the full,
+    # NCHW image must give the same logits / scores and the same parameter gradients
+    torch.manual_seed(0)
+    x = torch.rand(32, 1, 28, 28) * 2 - 1
+    for net, plain in [(D.ToyCNN(), lambda m, x: m.layers(x)),
+                       (D.DataRater(), lambda m, x: m.head(m.layers(x)).squeeze(-1))]:
+        out, ref = net(x), plain(net, x)
+        assert torch.allclose(out, ref, atol=1e-5)
+        g = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+        g_ref = torch.autograd.grad(ref.square().sum(), list(net.parameters()))
+        for a, b in zip(g, g_ref):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        # the cropped pixels really are dead: changing them moves nothing in the plain network
+        x2 = x.clone()
+        x2[..., 26:, :] = torch.rand_like(x2[..., 26:, :])
+        x2[..., :, 26:] = torch.rand_like(x2[..., :, 26:])
+        assert torch.allclose(plain(net, x2), ref, atol=1e-5)
+
+
+def test_data_conv_has_the_first_and_second_derivatives_of_conv2d():
+    torch.manual_seed(0)
+    conv = D.DataConv2d(1, 4, 3).double()
+    plain = torch.nn.Conv2d(1, 4, 3).double()
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(6, 1, 9, 9, dtype=torch.float64)
+    w = torch.rand(6, dtype=torch.float64, requires_grad=True)  # per-sample weights, as the meta-gradient
+    out = []
+    for layer in (conv, plain):
+        y = layer(x)
+        inner = (w * y.square().mean((1, 2, 3))).sum()                      # weighted inner loss
+        g = torch.autograd.grad(inner, [layer.weight, layer.bias], create_graph=True)
+        outer = (layer(x) - 0.1 * g[0].sum()).tanh().sum() + g[1].square().sum()
+        out.append((y, *g, *torch.autograd.grad(outer, [w, layer.weight])))
+    for a, b in zip(*out):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
 def test_metrics_against_hand_computed_values():
     a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     assert D.spearman(a, a ** 3) == pytest.approx(1.0)
