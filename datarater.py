@@ -357,6 +357,9 @@ class DataConv2d(nn.Conv2d):
     autograd Function, whose derivative is just the forward convolution it came from.
     """
 
+    def __init__(self, in_channels, out_channels, kernel_size):  # stride 1, no padding, with bias
+        super().__init__(in_channels, out_channels, kernel_size)
+
     def forward(self, x):
         if torch._C._functorch.is_batchedtensor(x) or x.requires_grad:   # under vmap, or not data
             return super().forward(x)
@@ -372,19 +375,21 @@ class _DataConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):                                 # differentiable: create_graph works
         x, weight = ctx.saved_tensors
-        return None, _ConvWeightGrad.apply(gy, x, weight.shape), gy.sum((0, 2, 3))
+        return None, *_ConvParamGrad.apply(gy, x, weight)
 
 
-class _ConvWeightGrad(torch.autograd.Function):
+class _ConvParamGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gy, x, weight_shape):                 # dL/dweight, linear in gy
+    def forward(ctx, gy, x, weight):                       # (dL/dweight, dL/dbias): linear in gy
         ctx.save_for_backward(x)
-        return torch.nn.grad.conv2d_weight(x, weight_shape, gy)
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x, weight, [weight.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, True])
+        return gw, gb
 
     @staticmethod
-    def backward(ctx, gg):                                 # its transpose: the forward convolution
+    def backward(ctx, ggw, ggb):                           # its transpose: the forward convolution
         x, = ctx.saved_tensors
-        return F.conv2d(x, gg), None, None
+        return F.conv2d(x, ggw, ggb), None, None
 
 
 class ToyCNN(nn.Module):
