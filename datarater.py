@@ -353,8 +353,8 @@ class DataConv2d(nn.Conv2d):
     The meta-gradient differentiates each inner weight gradient once more. For a convolution,
     PyTorch's double backward then always computes a gradient for the layer's input too, even
     when the input is the image and nothing uses it; for the first layer that is a transposed
-    convolution to one channel, ~10% of a CPU meta-step. Here the weight gradient is its own
-    autograd Function, whose derivative is just the forward convolution it came from.
+    convolution to one channel, ~10% of a CPU meta-step. Here the weight and bias gradients are
+    their own autograd Function, whose derivative is just the forward convolution they came from.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size):  # stride 1, no padding, with bias
